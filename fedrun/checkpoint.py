@@ -1,0 +1,123 @@
+"""Checkpoints: one file per saved round, written atomically, with a `latest` pointer.
+
+A crash at any instant leaves the previous checkpoint or the new one, never a broken file
+under a final name: bytes go to a temporary file in the same folder, are fsynced, and the
+file is renamed into place (rename is atomic within one filesystem). Files hold only
+tensors and plain Python values and are read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import Config, ConfigError, digest, resume_values
+
+log = logging.getLogger("fedrun")
+
+FORMAT = 1
+# mkstemp creates files readable by the owner alone; outputs should follow the umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+NAME = re.compile(r"^round-(\d{4,})\.pt$")
+
+
+def file_name(server_round: int) -> str:
+    return f"round-{server_round:04d}.pt"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None],
+                 before_rename: Callable[[], None] | None = None) -> None:
+    """Write through `write(fileobj)` to a temporary sibling, fsync, rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable: it lives in the folder's entry, not the file."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+
+def save(folder: Path, server_round: int, state: dict, keep: int,
+         before_rename: Callable[[], None] | None = None) -> Path:
+    """Save `state` as round-NNNN.pt, point `latest` at it, keep the newest `keep`."""
+    path = folder / file_name(server_round)
+    state = dict(state, format=FORMAT, round=server_round, saved_at=time.time())
+    atomic_write(path, lambda f: torch.save(state, f), before_rename)
+    atomic_write(folder / "latest", lambda f: f.write(path.name.encode() + b"\n"))
+    for old in _rounds(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _rounds(folder: Path) -> list[Path]:
+    """Checkpoint files, newest round first."""
+    found = [(int(m.group(1)), p) for p in folder.glob("round-*.pt")
+             if (m := NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_latest(folder: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that reads back whole; a broken one is reported and skipped."""
+    candidates = _rounds(folder)
+    pointer = folder / "latest"
+    if pointer.is_file():
+        named = folder / pointer.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for stale in folder.glob(".round-*.tmp"):
+        log.warning("ignoring %s: a checkpoint write that did not finish", stale)
+    for path in candidates:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or state.get("format") != FORMAT:
+                raise ValueError("not a fedrun checkpoint")
+        except Exception as exc:  # torch.load raises many types for a broken file
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
+                        path, type(exc).__name__, str(exc).splitlines()[0][:120])
+            continue
+        return path, state
+    return None
+
+
+def check_compatible(cfg: Config, state: dict, path: Path) -> None:
+    """Refuse to resume a run whose defining values changed; more rounds are fine."""
+    saved = state["resume_values"]
+    if state["config_digest"] == digest(resume_values(cfg)):
+        return
+    current = resume_values(cfg)
+    diffs = [f"{k} was {saved.get(k)!r}, now {current[k]!r}"
+             for k in current if saved.get(k) != current[k]]
+    raise ConfigError(
+        f"cannot resume {path}: " + "; ".join(diffs) + ". Put the values back, use "
+        f"another run.name, or start over with --fresh")

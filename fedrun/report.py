@@ -1,0 +1,128 @@
+"""What the server tells people: the status file, the dashboard, TensorBoard, the summary.
+
+The server owns the truth; this module turns it into `runs/<run>/status.json` (replaced
+atomically on every change and at least every `STATUS_EVERY_S` while devices train),
+the live dashboard or one plain log line per event, TensorBoard scalars, and
+`runs/<run>/summary.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from pathlib import Path
+
+import psutil
+
+from .checkpoint import write_json
+from .config import Config
+from .monitor.dashboard import LiveDashboard, use_dashboard
+from .monitor.status import write_status
+from .monitor.tensorboard import TensorBoardLog
+
+log = logging.getLogger("fedrun")
+
+STATUS_EVERY_S = 1.0
+EVENTS_KEPT = 20
+
+
+class Reporter:
+    def __init__(self, cfg: Config, history: list[dict], dashboard: bool):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        names = {r: cfg.device_name(r) for r in range(1, cfg.devices.count + 1)}
+        self.tensorboard = TensorBoardLog(self.run_dir, history, device_names=names)
+        self.events: deque[dict] = deque(maxlen=EVENTS_KEPT)
+        self.devices = {r: {"rank": r, "name": n, "state": "IDLE", "progress": 0.0,
+                            "attempt": 0, "accuracy": None, "loss": None, "samples": 0,
+                            "memory_mb": None, "cuda_memory_mb": None, "message": ""}
+                        for r, n in names.items()}
+        self.status = {"run": cfg.run.name, "state": "STARTING", "round": 0,
+                       "rounds": cfg.run.rounds, "phase": "starting", "accuracy": None,
+                       "loss": None, "devices_connected": 0,
+                       "devices_total": cfg.devices.count, "started_at": time.time()}
+        self.live = LiveDashboard() if dashboard else None
+        self._written = 0.0
+        if self.live is not None:
+            self.live.start()
+
+    # ---- status ---------------------------------------------------------------------
+
+    def event(self, text: str, level: int = logging.INFO) -> None:
+        """One event: a line in the log and an entry in the status file's activity."""
+        log.log(level, text)
+        self.events.append({"time": time.time(), "text": text})
+        self.flush(force=True)
+
+    def set(self, **fields) -> None:
+        self.status.update(fields)
+        self.flush(force=True)
+
+    def device(self, rank: int, **fields) -> None:
+        self.devices[rank].update(fields)
+
+    def beats(self, beats: dict[int, dict | None], fresh: set[int]) -> None:
+        for rank, beat in beats.items():
+            if beat is None:
+                continue
+            self.devices[rank].update({k: beat.get(k) for k in (
+                "state", "progress", "attempt", "accuracy", "loss", "samples",
+                "memory_mb", "cuda_memory_mb", "message")})
+        self.status["devices_connected"] = len(fresh)
+        self.flush()
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._written < STATUS_EVERY_S:
+            return
+        self._written = now
+        status = dict(self.status, updated_at=time.time(),
+                      devices=list(self.devices.values()), events=list(self.events))
+        write_status(self.run_dir / "status.json", status)
+        if self.live is not None:
+            self.live.update(status)
+
+    # ---- rounds ---------------------------------------------------------------------
+
+    def round_done(self, record: dict, history: list[dict], weights_sha: str,
+                   quarantined: dict[int, int]) -> None:
+        self.tensorboard.log_round(record)
+        self.write_summary(history, weights_sha, quarantined)
+
+    def write_summary(self, history: list[dict], weights_sha: str,
+                      quarantined: dict[int, int], final: bool = False) -> None:
+        last = next((r for r in reversed(history) if r.get("accuracy") is not None), None)
+        summary = {
+            "run": self.cfg.run.name,
+            "rounds_completed": len(history),
+            "rounds_planned": self.cfg.run.rounds,
+            "finished": final,
+            "final_accuracy": last["accuracy"] if last else None,
+            "final_loss": last["loss"] if last else None,
+            "devices": [{"rank": r, "name": d["name"]} for r, d in self.devices.items()],
+            "quarantined": [{"rank": r, "name": self.devices[r]["name"], "since_round": q}
+                            for r, q in sorted(quarantined.items())],
+            "final_weights_sha256": weights_sha,
+            "rounds": history,
+        }
+        write_json(self.run_dir / "summary.json", summary)
+
+    def finish(self, state: str, config: dict | None, final_accuracy: float | None) -> None:
+        if config is not None and final_accuracy is not None:
+            self.tensorboard.log_hparams(config, final_accuracy)
+        self.status["state"] = state
+        self.flush(force=True)
+        self.tensorboard.close()
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+
+def memory_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def wants_dashboard(cfg: Config) -> bool:
+    return use_dashboard(cfg.run.dashboard)
