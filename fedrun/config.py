@@ -209,7 +209,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or len(parts) < 2 or not all(parts):
         raise ConfigError(f"override {item!r} is not of the form section.key=value "
                           "(for example run.rounds=30)")
-    value = _parse_value(text.strip())
+    value = _Override(text.strip())
     if parts[0] == "faults":
         if len(parts) != 3 or not parts[1].isdigit():
             raise ConfigError(f"override {item!r}: faults are set as faults.N.key=value "
@@ -228,12 +228,19 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     section[parts[1]] = value
 
 
-def _parse_value(text: str) -> Any:
-    """A value as TOML reads it; a bare word that is not TOML is taken as a string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
+@dataclass
+class _Override:
+    """A command-line value, read by the type of the field it lands in: a string field
+    takes the text itself (so `faults.0.kind=nan` is "nan", not a float)."""
+
+    text: str
+
+    def as_type(self, kind: type) -> Any:
+        try:
+            value = tomllib.loads(f"v = {self.text}")["v"]
+        except tomllib.TOMLDecodeError:
+            return self.text
+        return self.text if kind is str and not isinstance(value, str) else value
 
 
 def _build(raw: dict[str, Any]) -> Config:
@@ -269,6 +276,8 @@ def _fill(obj: Any, prefix: str, values: dict[str, Any]) -> Any:
 def _coerce(key: str, value: Any, default: Any) -> Any:
     """Check a value against the type of the field's default."""
     kind = type(default)
+    if isinstance(value, _Override):
+        value = value.as_type(kind)
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:

@@ -138,16 +138,22 @@ class Device:
                             "this device exits so that torchrun can restart the group")
 
     def _wait_for(self, key: str, limit_s: float):
-        """Block on the store for `key`, in short slices so signals and stops are seen."""
+        """Poll the store for `key`, backing off from 2 ms to 50 ms between looks.
+
+        Polling rather than `store.wait` keeps signals and stops responsive (a blocking
+        wait runs no Python signal handler) and costs one small request per look.
+        """
         end = time.monotonic() + limit_s
+        pause = 0.002
         while True:
             self._check_control()
-            try:
-                self.comm.store.wait([key], _td(min(0.5, max(0.01, end - time.monotonic()))))
-                return self.comm.get(key)
-            except RuntimeError:  # a slice timed out; a lost store is seen by the beat
-                if time.monotonic() > end:
-                    raise CommError(f"no {key} from the server within {limit_s:.0f}s") from None
+            value = self.comm.get(key)
+            if value is not None:
+                return value
+            if time.monotonic() > end:
+                raise CommError(f"no {key} from the server within {limit_s:.0f}s")
+            time.sleep(pause)
+            pause = min(0.05, pause * 2)
 
     # ---- the round loop -----------------------------------------------------------------
 
@@ -305,9 +311,3 @@ class Device:
         gc.collect()
         if self.comm.device.type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _td(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
