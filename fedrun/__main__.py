@@ -69,11 +69,17 @@ def _watch(argv: list[str]) -> int:
 def _preflight(cfg) -> None:
     """The checks a launcher runs once before torchrun, so that a bad config or a
     checkpoint that cannot be resumed is one error, not one per restart attempt."""
-    from . import checkpoint
     from .data import load_dataset
 
     load_dataset(cfg.data, cfg.run.seed)
-    found = checkpoint.load_latest(cfg.checkpoint_path()) if cfg.run.resume else None
+    if cfg.run.resume:
+        _check_resumable(cfg)
+
+
+def _check_resumable(cfg) -> None:
+    from . import checkpoint
+
+    found = checkpoint.load_latest(cfg.checkpoint_path())
     if found is not None:
         checkpoint.check_compatible(cfg, found[1], found[0])
 
@@ -110,6 +116,8 @@ def _run(cfg, rank: int, fresh: bool) -> int:
     log.info("backend %s (%s); %d thread(s) per rank (%s); attempt %d", backend, why,
              threads, threads_why, attempt)
 
+    if rank == 0 and not fresh:
+        _check_resumable(cfg)  # before the group forms: a refusal is one clean error
     comm = comm_mod.init(backend, cfg.comm.timeout_s)
     try:
         if rank == 0:

@@ -269,7 +269,7 @@ class Device:
                     return self._header(TIMEOUT, attempt, "stopped at the round deadline "
                                         f"after {step}/{total} batches", 0.0), weights
                 self._check_control()
-                faults.slow_step(fault, self.cfg.run.round_deadline_s)
+                faults.slow_step(fault, self.cfg.run.round_deadline_s, total)
                 opt.zero_grad(set_to_none=True)
                 out = self.model(xb)
                 loss = F.cross_entropy(out, yb)

@@ -61,10 +61,11 @@ def before_training(fault: FaultConfig | None) -> None:
         threading.Event().wait()
 
 
-def slow_step(fault: FaultConfig | None, deadline_s: float) -> None:
-    """A `slow` device sleeps long enough per batch to be caught by the round deadline."""
+def slow_step(fault: FaultConfig | None, deadline_s: float, batches: int) -> None:
+    """A `slow` device sleeps per batch so that its round would take twice the deadline;
+    the deadline stops it halfway, which is what the fault is there to show."""
     if fault is not None and fault.kind == "slow":
-        time.sleep(max(0.05, deadline_s / 20))
+        time.sleep(2 * deadline_s / max(1, batches))
 
 
 def corrupt_update(fault: FaultConfig | None, start: torch.Tensor,

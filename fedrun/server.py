@@ -65,6 +65,7 @@ class Server:
         self.seq = 0
         self.saved_round = self.start_round - 1
         self._pending: list[int] = []
+        self._crashed: set[int] = set()  # ranks already blamed in this attempt
 
     # ---- state ----------------------------------------------------------------------
 
@@ -78,6 +79,8 @@ class Server:
             self._set_aside_old_run()
             return
         found = checkpoint.load_latest(self.folder)
+        for stale in self.folder.glob(".round-*.tmp"):
+            stale.unlink()  # reported by load_latest; nothing in it can be trusted
         crashes = self._read_crashes()
         if found is None:
             self.quarantined = _quarantine(crashes)
@@ -113,6 +116,10 @@ class Server:
             return []
 
     def _record_crash(self, ranks: list[int], reason: str) -> None:
+        ranks = [r for r in ranks if r not in self._crashed]
+        if not ranks:
+            return
+        self._crashed.update(ranks)
         crashes = self._read_crashes()
         crashes.append({"round": self.round, "ranks": ranks, "reason": reason,
                         "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
