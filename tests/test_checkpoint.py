@@ -100,16 +100,17 @@ def straight_and_resumed(tmp_path_factory):
     crashing = write_config(cut / "crash.toml", sections,
                             [{"device": 1, "round": 4, "kind": "exit"}])
     crashed = run_fedrun(cut, crashing)
+    crashed_rounds = crashed.summary["rounds_completed"]  # before the resume rewrites it
     resumed = run_fedrun(cut, write_config(cut / "c.toml", sections))
-    return straight, crashed, resumed
+    return straight, (crashed, crashed_rounds), resumed
 
 
 @needs_fashion_mnist
 def test_resume_reproduces_the_straight_run_exactly(straight_and_resumed):
     """A run crashed after round 3 and resumed ends bit-identical to the straight run."""
-    straight, crashed, resumed = straight_and_resumed
+    straight, (crashed, crashed_rounds), resumed = straight_and_resumed
     assert straight.returncode == 0, straight.output[-3000:]
-    assert crashed.returncode != 0 and crashed.summary["rounds_completed"] == 3
+    assert crashed.returncode != 0 and crashed_rounds == 3
     assert resumed.returncode == 0, resumed.output[-3000:]
     assert "resuming from round 3 (" in resumed.output
     a, b = straight.summary, resumed.summary
@@ -182,7 +183,7 @@ def test_resume_refuses_a_changed_model_and_allows_more_rounds(tmp_path, tiny):
     assert preflight.returncode == 2
     assert "model.name was 'cnn', now 'fedavg_cnn'" in preflight.stderr
     assert len(preflight.stderr.strip().splitlines()) == 1
-    refused = run_fedrun(tmp_path, cfg, ["model.name=fedavg_cnn"])
+    refused = run_fedrun(tmp_path, cfg, ["model.name=fedavg_cnn"], nproc=3)
     assert refused.returncode != 0 and "model.name was 'cnn'" in refused.output
     longer = run_fedrun(tmp_path, cfg, ["run.rounds=3"])
     assert longer.returncode == 0, longer.output[-3000:]
