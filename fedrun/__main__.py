@@ -131,13 +131,19 @@ def _run(cfg, rank: int, fresh: bool) -> int:
             return server.run()
         from .device import Device
 
-        shards = partition(data.train_y.numpy(), cfg.devices.count, cfg.data, cfg.run.seed)
-        shard = torch.from_numpy(shards[rank - 1])
-        log.info("%s: shard of %s; on %s", cfg.device_label(rank),
-                 describe(shards[rank - 1], data.train_y.numpy(), data.num_classes),
-                 comm.device)
-        x = data.normalise(data.train_x[shard])
-        device = Device(cfg, comm, model, x, data.train_y[shard])
+        from .device import client_ranks
+
+        mine = [c for c, r in client_ranks(cfg).items() if r == rank]
+        shards = partition(data.train_y.numpy(), len(client_ranks(cfg)), cfg.data,
+                           cfg.run.seed)
+        clients = {}
+        for client in mine:
+            shard = torch.from_numpy(shards[client])
+            who = cfg.device_label(rank) + (f" client {client}" if cfg.data.clients else "")
+            log.info("%s: shard of %s; on %s", who, describe(
+                shards[client], data.train_y.numpy(), data.num_classes), comm.device)
+            clients[client] = (data.normalise(data.train_x[shard]), data.train_y[shard])
+        device = Device(cfg, comm, model, clients)
         round_of["device"] = device
         del data
         gc.collect()

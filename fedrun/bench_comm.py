@@ -1,4 +1,4 @@
-"""The bench's communication job: fedrun's data plane against raw Gloo, on the same group.
+"""The bench's communication job: fedrun's data plane against raw Gloo, on one group.
 
 Run under torchrun with devices + 1 ranks: `python -m fedrun.bench_comm OUT.json
 MODEL[,MODEL...] SECONDS`. For each model, every rank packs the model's weights into one

@@ -155,6 +155,34 @@ def run_logged(cmd: list[str], log: Path, env: dict[str, str], timeout_s: float,
     return wall, (watcher.usage if watcher is not None else {})
 
 
+def run_side_by_side(cmds: list[list[str]], logs: list[Path], env: dict[str, str],
+                     timeout_s: float) -> float:
+    """Start every command at once, each in its own session; wall seconds of all.
+
+    Only the bare-loop parts run side by side: they stand for ranks sharing the cores.
+    """
+    started = time.monotonic()
+    procs = []
+    for cmd, log in zip(cmds, logs):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                          env=env, cwd=REPO, start_new_session=True))
+    failed = []
+    for proc, log in zip(procs, logs):
+        left = max(1.0, timeout_s - (time.monotonic() - started))
+        try:
+            if proc.wait(timeout=left) != 0:
+                failed.append(f"{log.stem} exited with {proc.returncode}:\n{tail(log)}")
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+            failed.append(f"{log.stem} still running after {timeout_s:.0f}s; killed it")
+    if failed:
+        raise BenchError("; ".join(failed))
+    return time.monotonic() - started
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,11 +1,12 @@
-"""The bench's references: a bare training loop, and plain writes of a checkpoint's bytes.
+"""The bench's references: a bare training loop, and plain writes of checkpoint bytes.
 
 The bare loop does the local training steps of a fedrun job (the same config, shards,
-batches in the same order, model, optimizer and clipping) in one process, one device
-after another, with nothing else: no process group, no store, no evaluation, no
-checkpoints, no per-batch checks or metrics. Batches are drawn before the clock starts
-from a DataLoader built exactly as the device builds its own, so both sides see the
-same indices.
+batches in the same order, model, optimizer and clipping), one device after another,
+with nothing else: no process group, no store, no evaluation, no checkpoints, no
+per-batch checks or metrics. Batches are drawn before the clock starts from a
+DataLoader built exactly as the device builds its own, so both sides see the same
+indices. A job may take a part of the devices only (`part = [i, k]`: ranks i+1, i+1+k,
+...), so that k processes on k cores share the work the way fedrun's ranks do.
 
 Run as `python -m fedrun.bench_ref JOBS.json OUT.json` so that its memory and thread
 settings are its own; `fedrun.bench` starts it.
@@ -52,7 +53,7 @@ def _whole(batch):
 
 
 def batches_for(cfg: Config, samples: int, server_round: int, rank: int) -> list:
-    """The index batches device `rank` trains on in `server_round`, every epoch, in order.
+    """The index batches device `rank` trains on in `server_round`, in order.
 
     The loader is built as `Device._attempt` builds it (generator seed, batch size,
     shuffle, collate), so the draws from the generator are the same.
@@ -64,8 +65,9 @@ def batches_for(cfg: Config, samples: int, server_round: int, rank: int) -> list
     return [idx for _ in range(cfg.train.local_epochs) for idx in loader]
 
 
-def bare_loop(cfg: Config, threads: int, rounds: int) -> dict:
-    """Time the local training of `rounds` rounds of every device, one after another."""
+def bare_loop(cfg: Config, threads: int, rounds: int,
+              part: tuple[int, int] = (0, 1)) -> dict:
+    """Time the local training of `rounds` rounds of the devices in `part`, in turn."""
     torch.set_num_threads(threads)
     data = load_dataset(cfg.data, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
@@ -76,6 +78,8 @@ def bare_loop(cfg: Config, threads: int, rounds: int) -> dict:
     seconds, samples, steps = 0.0, 0, 0
     for server_round in range(1, rounds + 1):
         for rank, shard in enumerate(shards, start=1):
+            if (rank - 1) % part[1] != part[0]:
+                continue
             index = torch.from_numpy(shard)
             x, y = data.normalise(data.train_x[index]), data.train_y[index]
             batches = batches_for(cfg, len(y), server_round, rank)
@@ -101,11 +105,11 @@ def bare_loop(cfg: Config, threads: int, rounds: int) -> dict:
             "rounds": rounds, "samples_per_s": samples / seconds}
 
 
-# ---- checkpoints ------------------------------------------------------------------------
+# ---- checkpoints ---------------------------------------------------------------------
 
 
 def server_state(model_name: str) -> dict:
-    """A checkpoint like the server's for a model (flat weights, strategy, rng, digest)."""
+    """A checkpoint like the server's: flat weights, strategy, rng, config digest."""
     cfg = load(None, [f"model.name={model_name}"])
     in_channels, size = (3, 32) if model_name == "resnet18" else (1, 28)
     model = build_model(model_name, in_channels, size)
@@ -147,16 +151,17 @@ def checkpoint_speed(folder: Path, model_name: str, repeats: int) -> dict:
         (folder / f"plain-{i - 2}.bin").unlink(missing_ok=True)
         plain_s.append(time.perf_counter() - t)
     megabytes = len(payload) / 1e6
-    return {"bytes": len(payload), "fedrun_mb_s": megabytes / statistics.median(fedrun_s),
+    return {"bytes": len(payload),
+            "fedrun_mb_s": megabytes / statistics.median(fedrun_s),
             "plain_mb_s": megabytes / statistics.median(plain_s),
             "fedrun_s": fedrun_s, "plain_s": plain_s}
 
 
-# ---- entry ------------------------------------------------------------------------------
+# ---- entry ---------------------------------------------------------------------------
 
 
 def main(argv: list[str]) -> int:
-    """Run the bare-loop jobs listed in JOBS.json and write their timings to OUT.json."""
+    """Run the bare-loop jobs listed in JOBS.json; write their timings to OUT.json."""
     if len(argv) != 2:
         print("usage: python -m fedrun.bench_ref JOBS.json OUT.json", file=sys.stderr)
         return 2
@@ -165,9 +170,10 @@ def main(argv: list[str]) -> int:
     results: dict = {"jobs": {}}
     for job in jobs:
         cfg = load(DEFAULT_CONFIG, job["overrides"])
-        result = bare_loop(cfg, job["threads"], job.get("rounds") or cfg.run.rounds)
+        result = bare_loop(cfg, job["threads"], job.get("rounds") or cfg.run.rounds,
+                           tuple(job.get("part", (0, 1))))
         if not results["jobs"]:
-            # The first job is the workload's: the process as a whole is its reference.
+            # The first job is the workload's: for it the process as a whole counts.
             results["wall_s"] = time.time() - born
             results["peak_rss_mib"] = max(_high_water(os.getpid()),
                                           psutil.Process().memory_info().rss) / 2**20

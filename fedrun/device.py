@@ -86,14 +86,20 @@ def _as_batch(batch):
 
 
 class Device:
-    def __init__(self, cfg: Config, comm: Comm, model: nn.Module, x: torch.Tensor,
-                 y: torch.Tensor):
+    """One device rank; it trains the clients it holds (one, unless data.clients is
+    larger than devices.count) in turn each round, each from the global weights."""
+
+    def __init__(self, cfg: Config, comm: Comm, model: nn.Module,
+                 clients: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.cfg, self.comm, self.rank = cfg, comm, comm.rank
         self.model = model.to(comm.device)
         self.flat = FlatWeights(self.model)
-        self.shard = ShardSet(x.to(comm.device), y.to(comm.device))
+        self.clients = {c: ShardSet(x.to(comm.device), y.to(comm.device))
+                        for c, (x, y) in clients.items()}
+        self.slots = clients_per_rank(cfg)
+        self.shard = next(iter(self.clients.values()))
         self.plan = faults.FaultPlan(cfg, self.rank)
-        self.status = Progress(samples=len(y))
+        self.status = Progress(samples=sum(len(s) for s in self.clients.values()))
         self.stop = threading.Event()
         self.server_lost = threading.Event()
         self.heartbeat = Heartbeat(comm, cfg.comm.heartbeat_s, self.status.snapshot,
@@ -185,14 +191,25 @@ class Device:
             self._say_goodbye()
 
     def _take_part(self, plan: dict, weights: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Train this rank's sampled clients; the update holds one flat slot per client
+        (padded to the same count on every rank, as the gather needs equal sizes)."""
         server_round = plan["round"]
         self.status.round = server_round
+        update = weights.repeat(self.slots)
         if self.rank not in plan["participants"]:
             state = QUARANTINED if self.rank in plan["quarantined"] else SKIPPED
             self.status.state = state
-            return {"status": state, "samples": 0, "attempts": 0, "message": ""}, weights
+            why = "quarantined" if state == QUARANTINED else "not sampled this round"
+            return {"status": state, "samples": 0, "attempts": 0, "message": why,
+                    "clients": []}, update
         deadline = time.monotonic() + plan["deadline_s"]
-        header, update = self.train_round(weights, server_round, deadline)
+        results = []
+        for slot, client in enumerate(c for c in self.clients if c in plan["clients"]):
+            self.shard = self.clients[client]
+            header, trained = self.train_round(weights, server_round, deadline, client)
+            update[slot * self.flat.numel : (slot + 1) * self.flat.numel] = trained
+            results.append(dict(header, client=client, slot=slot))
+        header = _device_header(results)
         self.status.state = "COMPLETED" if header["status"] == OK else header["status"]
         self.status.message = header["message"]
         return header, update
@@ -214,8 +231,8 @@ class Device:
 
     # ---- local training -----------------------------------------------------------------
 
-    def train_round(self, weights: torch.Tensor, server_round: int,
-                    deadline: float) -> tuple[dict, torch.Tensor]:
+    def train_round(self, weights: torch.Tensor, server_round: int, deadline: float,
+                    client: int) -> tuple[dict, torch.Tensor]:
         """Train with retries; returns the result header and the flat trained weights."""
         retries = self.cfg.train.max_retries
         started = time.monotonic()
@@ -224,7 +241,8 @@ class Device:
             self.status.state = "TRAINING" if attempt == 1 else "RETRYING"
             fault = self.plan.find(server_round, attempt)
             try:
-                header, update = self._attempt(weights, server_round, attempt, fault, deadline)
+                header, update = self._attempt(weights, server_round, attempt, fault,
+                                               deadline, client)
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
                 self._cleanup()
@@ -241,16 +259,18 @@ class Device:
             return header, update
         raise AssertionError("unreachable: the last attempt returns or fails")
 
-    def _attempt(self, weights, server_round, attempt, fault, deadline):
+    def _attempt(self, weights, server_round, attempt, fault, deadline, client):
         cfg = self.cfg.train
         self.flat.unpack(weights, self.model)
         self.model.train()
         params = [p for p in self.model.parameters()]
         anchor = [p.detach().clone() for p in params] if self._mu() else None
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-        torch.manual_seed(seed_for(self.cfg.run.seed, server_round, self.rank))
+        # Client c draws from (seed, round, c + 1): with one client per device that is
+        # (seed, round, rank), whatever rank the client lands on.
+        torch.manual_seed(seed_for(self.cfg.run.seed, server_round, client + 1))
         gen = torch.Generator().manual_seed(seed_for(self.cfg.run.seed, server_round,
-                                                     self.rank, 1))
+                                                     client + 1, 1))
         loader = torch.utils.data.DataLoader(
             self.shard, batch_size=cfg.batch_size, shuffle=True, generator=gen,
             num_workers=cfg.num_workers, collate_fn=_as_batch)
@@ -311,3 +331,27 @@ class Device:
         gc.collect()
         if self.comm.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def clients_per_rank(cfg: Config) -> int:
+    """Update slots per rank: the most clients any device rank holds."""
+    clients = cfg.data.clients or cfg.devices.count
+    return math.ceil(clients / cfg.devices.count)
+
+
+def client_ranks(cfg: Config) -> dict[int, int]:
+    """Client id -> device rank, dealt round-robin: client c lives on rank c % N + 1."""
+    clients = cfg.data.clients or cfg.devices.count
+    return {c: c % cfg.devices.count + 1 for c in range(clients)}
+
+
+def _device_header(results: list[dict]) -> dict:
+    """A device's result: OK when any client is usable, else its first client's verdict."""
+    usable = [r for r in results if r["status"] == OK]
+    first = (usable or results)[0]
+    return {"status": first["status"], "message": first["message"],
+            "samples": sum(r["samples"] for r in usable),
+            "attempts": max(r["attempts"] for r in results),
+            "loss": first["loss"], "accuracy": first["accuracy"],
+            "memory_mb": first["memory_mb"], "seconds": sum(r["seconds"] for r in results),
+            "clients": results}

@@ -42,7 +42,7 @@ def nproc(cfg: Config) -> int:
 
 
 def procs_on_node(total: int, nnodes: int, node_rank: int) -> int:
-    """This node's share of `total` ranks; the first `total % nnodes` nodes take one more."""
+    """This node's share of `total` ranks; the first `total % nnodes` take one more."""
     if nnodes < 1 or not 0 <= node_rank < nnodes:
         raise ConfigError(f"node rank {node_rank} is outside 0..{nnodes - 1}; check "
                           "SLURM_NODEID and SLURM_NNODES")
@@ -91,7 +91,7 @@ def available_cpus() -> int:
 
 def threads_per_rank(env: Mapping[str, str], cpu_count: int,
                      local_world_size: int) -> tuple[int, str]:
-    """Intra-op threads for each rank, and why: the user's OMP_NUM_THREADS or a core share."""
+    """Intra-op threads per rank, and why: the user's OMP_NUM_THREADS or a core share."""
     if USER_THREADS_VAR in env:
         user, source = env[USER_THREADS_VAR], "set by the user"
     else:
@@ -187,7 +187,7 @@ def torchrun_args(layout: Mapping, nproc_per_node: int, max_restarts: int) -> li
 
 
 def _split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """`--config FILE` (or `--config=FILE`) and the overrides, as `python -m fedrun` takes."""
+    """`--config FILE` (or `--config=FILE`) and the rest, as `python -m fedrun` takes."""
     config, rest, i = None, [], 0
     while i < len(args):
         if args[i] == "--config" and i + 1 < len(args):
@@ -227,7 +227,7 @@ def slurm_main(args: list[str]) -> None:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("slurm", "port"):
-        print("usage: python -m fedrun.launch slurm --config FILE [section.key=value ...]\n"
+        print("usage: python -m fedrun.launch slurm --config FILE [section.key=value]\n"
               "       python -m fedrun.launch port", file=sys.stderr)
         return 2
     if argv[0] == "port":

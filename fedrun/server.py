@@ -24,7 +24,8 @@ from . import checkpoint
 from .comm import Comm, CommError, FlatWeights, Heartbeat, weights_sha256
 from .config import Config, ConfigError, digest, resume_values
 from .data import Dataset
-from .device import OK, QUARANTINED, REJECTED, SKIPPED, seed_for
+from .device import (OK, QUARANTINED, REJECTED, SKIPPED, client_ranks, clients_per_rank,
+                     seed_for)
 from .report import Reporter, memory_mb, wants_dashboard
 from .strategies import StrategyError, Update, build_strategy
 from .strategies.privacy import clip_update, gaussian_noise
@@ -53,6 +54,8 @@ class Server:
         self.test_x = data.normalise(data.test_x).to(comm.device)
         self.test_y = data.test_y.to(comm.device)
         self.strategy = build_strategy(cfg.server)
+        self.client_rank = client_ranks(cfg)
+        self.slots = clients_per_rank(cfg)
         self.strategy.check(cfg.devices.count)
         self.folder = cfg.checkpoint_path()
         self.crashes_path = self.folder / "crashes.json"
@@ -241,26 +244,24 @@ class Server:
 
     # ---- one round ------------------------------------------------------------------
 
-    def _plan(self, server_round: int) -> list[int]:
-        live = [r for r in self.ranks
+    def _plan(self, server_round: int) -> tuple[list[int], list[int]]:
+        """The clients sampled this round, and the device ranks that hold them."""
+        live = [c for c, r in self.client_rank.items()
                 if not (r in self.quarantined and server_round >= self.quarantined[r])]
-        if self.cfg.server.fraction >= 1:
-            return live
-        want = max(self.cfg.server.min_devices,
-                   math.ceil(self.cfg.server.fraction * len(live)))
-        rng = np.random.default_rng(seed_for(self.cfg.run.seed, server_round, 0, 2))
-        return sorted(rng.choice(live, size=min(want, len(live)), replace=False).tolist())
+        chosen = sample_clients(self.cfg, live, server_round)
+        return chosen, sorted({self.client_rank[c] for c in chosen})
 
     def _round(self, server_round: int) -> dict:
         self._check_signal()
         started = time.monotonic()
         phases: dict[str, float] = {}
-        participants = self._plan(server_round)
+        clients, participants = self._plan(server_round)
         self._pending = list(participants)
         quarantined = sorted(r for r in self.quarantined if server_round >= self.quarantined[r])
         self.comm.put(f"plan/{self.seq}", {
             "stop": False, "round": server_round, "participants": participants,
-            "quarantined": quarantined, "deadline_s": self.cfg.run.round_deadline_s})
+            "clients": clients, "quarantined": quarantined,
+            "deadline_s": self.cfg.run.round_deadline_s})
         self.report.set(round=server_round, phase="broadcast")
 
         t = time.monotonic()
@@ -274,7 +275,7 @@ class Server:
 
         t = time.monotonic()
         self.comm.put(f"go/{self.seq}", True)
-        gathered = self.comm.gather(self.weights)
+        gathered = self.comm.gather(self.weights.repeat(self.slots))
         self.comm.barrier(f"round {server_round}")
         phases["gather"] = time.monotonic() - t
         self.seq += 1
@@ -343,19 +344,36 @@ class Server:
                    phases: dict[str, float]) -> dict:
         t = time.monotonic()
         masked: dict[str, dict] = {}
+        client_masked: dict[str, dict] = {}
         updates: list[Update] = []
         for rank in self.ranks:
             header = headers[rank]
-            reason = self._mask_reason(rank, header, gathered[rank])
-            if reason is not None:
-                masked[str(rank)] = reason
-                continue
-            updates.append(Update(rank, self._privatise(gathered[rank]), header["samples"]))
+            slots = gathered[rank].view(self.slots, -1)
+            for result in header.get("clients") or []:
+                client = result["client"]
+                update = slots[result["slot"]]
+                reason = self._mask_reason(result, update)
+                if reason is not None:
+                    client_masked[str(client)] = reason
+                    continue
+                # DP-FedAvg weighs clipped updates equally: sample weights would break the
+                # clip_norm / n bound on one device's influence that the noise is sized for.
+                weight = 1 if self.cfg.privacy.noise_multiplier else result["samples"]
+                updates.append(Update(client + 1, self._privatise(update), weight))
+            if not any(self.client_rank[u.rank - 1] == rank for u in updates):
+                first = next(iter(header.get("clients") or []), None)
+                masked[str(rank)] = (client_masked[str(first["client"])] if first else
+                                     {"status": header["status"],
+                                      "message": header.get("message", "")})
 
-        record = {"round": server_round, "participants": [u.rank for u in updates],
+        record = {"round": server_round,
+                  "participants": [r for r in self.ranks if str(r) not in masked],
                   "masked": masked, "skipped": False, "reason": "",
                   "attempts": {str(r): headers[r].get("attempts", 0) for r in self.ranks},
                   "devices": {str(r): _device_record(headers[r]) for r in self.ranks}}
+        if self.cfg.data.clients:
+            record["clients"] = sorted(u.rank - 1 for u in updates)
+            record["clients_masked"] = client_masked
         need = max(self.cfg.server.min_devices, self.strategy.min_updates())
         new = None
         if len(updates) < need:
@@ -374,6 +392,9 @@ class Server:
         t = time.monotonic()
         if new is None:
             record["skipped"] = True
+            for rank in record["participants"]:  # every device stays accounted for
+                record["masked"][str(rank)] = {"status": SKIPPED, "message":
+                                               f"round skipped: {record['reason']}"}
             record["participants"] = []
             self.skipped_in_a_row += 1
             last = self.history[-1] if self.history else None
@@ -389,7 +410,7 @@ class Server:
         phases["evaluate"] = time.monotonic() - t
         return record
 
-    def _mask_reason(self, rank: int, header: dict, update: torch.Tensor) -> dict | None:
+    def _mask_reason(self, header: dict, update: torch.Tensor) -> dict | None:
         status = header["status"]
         if status != OK:
             return {"status": status, "message": header.get("message", "")}
@@ -461,6 +482,9 @@ class Server:
         total = len(self.ranks)
         if record["skipped"]:
             parts.append(f"round skipped: {record['reason']}; weights unchanged")
+        elif self.cfg.data.clients:
+            parts.append(f"{len(record['clients'])}/{len(self.client_rank)} clients from "
+                         f"{used}/{total} devices aggregated")
         else:
             parts.append(f"{used}/{total} devices aggregated")
         parts.append(f"accuracy {_pct(record['accuracy'])}, loss {record['loss']:.4f}, "
@@ -494,6 +518,16 @@ class _BeatWatch:
     def fresh(self) -> set[int]:
         now = time.monotonic()
         return {r for r, t in self.changed.items() if now - t <= self.timeout_s}
+
+
+def sample_clients(cfg: Config, live: list[int], server_round: int) -> list[int]:
+    """`server.fraction` of the live clients, at least `server.min_devices`, drawn from
+    (seed, round) alone so that a resumed run samples what the straight one did."""
+    if cfg.server.fraction >= 1:
+        return list(live)
+    want = max(cfg.server.min_devices, math.ceil(cfg.server.fraction * len(live)))
+    rng = np.random.default_rng(seed_for(cfg.run.seed, server_round, 0, 2))
+    return sorted(rng.choice(live, size=min(want, len(live)), replace=False).tolist())
 
 
 def _quarantine(crashes: list[dict]) -> dict[int, int]:
