@@ -33,11 +33,21 @@ class BenchError(RuntimeError):
 
 @dataclass
 class RankUsage:
-    """What psutil saw of one rank: the peak resident set, CPU seconds, most threads."""
+    """What psutil saw of one rank: the peak resident set, CPU seconds, most threads,
+    and (wall clock, CPU seconds) at every sample, to tell CPU spent within a window."""
 
     peak_rss_mib: float = 0.0
     cpu_s: float = 0.0
     threads: int = 0
+    cpu_series: list[tuple[float, float]] = field(default_factory=list, repr=False)
+
+    def cpu_between(self, start: float, end: float) -> float:
+        """CPU seconds between two wall-clock times, from the nearest samples around."""
+        before = [c for t, c in self.cpu_series if t <= start]
+        after = [c for t, c in self.cpu_series if t >= end]
+        low = before[-1] if before else 0.0
+        high = after[0] if after else self.cpu_s
+        return max(0.0, high - low)
 
 
 @dataclass
@@ -89,9 +99,12 @@ class RankWatch(threading.Thread):
             seen.peak_rss_mib = max(seen.peak_rss_mib, peak / 2**20)
             seen.cpu_s = max(seen.cpu_s, cpu.user + cpu.system)
             seen.threads = max(seen.threads, threads)
+            seen.cpu_series.append((time.time(), seen.cpu_s))
 
     def _rank(self, proc: psutil.Process) -> int | None:
-        if proc.pid not in self._rank_of:
+        # Not known yet is asked again next time: a child caught between fork and exec
+        # still has the launcher's environment, without RANK.
+        if self._rank_of.get(proc.pid) is None:
             try:
                 value = proc.environ().get("RANK")
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):

@@ -75,7 +75,7 @@ def bare_loop(cfg: Config, threads: int, rounds: int,
     start = {k: v.clone() for k, v in model.state_dict().items()}
     shards = partition(data.train_y.numpy(), cfg.devices.count, cfg.data, cfg.run.seed)
     train = cfg.train
-    seconds, samples, steps = 0.0, 0, 0
+    seconds, cpu, samples, steps = 0.0, 0.0, 0, 0
     for server_round in range(1, rounds + 1):
         for rank, shard in enumerate(shards, start=1):
             if (rank - 1) % part[1] != part[0]:
@@ -89,7 +89,7 @@ def bare_loop(cfg: Config, threads: int, rounds: int,
             model.train()
             params = list(model.parameters())
             opt = torch.optim.SGD(params, lr=train.lr, momentum=train.momentum)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for idx in batches:
                 xb, yb = x[idx], y[idx]
                 opt.zero_grad(set_to_none=True)
@@ -99,10 +99,11 @@ def bare_loop(cfg: Config, threads: int, rounds: int,
                     torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
                 opt.step()
             seconds += time.perf_counter() - t
+            cpu += time.process_time() - c
             samples += len(y) * train.local_epochs
             steps += len(batches)
-    return {"seconds": seconds, "samples": samples, "steps": steps, "threads": threads,
-            "rounds": rounds, "samples_per_s": samples / seconds}
+    return {"seconds": seconds, "cpu_s": cpu, "samples": samples, "steps": steps,
+            "threads": threads, "rounds": rounds, "samples_per_s": samples / seconds}
 
 
 # ---- checkpoints ---------------------------------------------------------------------

@@ -120,4 +120,4 @@ def check_compatible(cfg: Config, state: dict, path: Path) -> None:
              for k in current if saved.get(k) != current[k]]
     raise ConfigError(
         f"cannot resume {path}: " + "; ".join(diffs) + ". Put the values back, use "
-        f"another run.name, or start over with --fresh")
+        "another run.name, or start over with --fresh")

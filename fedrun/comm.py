@@ -212,3 +212,29 @@ class Heartbeat(threading.Thread):
 
     def stop(self) -> None:
         self.halt.set()
+
+
+class BeatWatch:
+    """Tracks when each rank's heartbeat last changed, on the reader's own clock (clocks
+    of different nodes need not agree)."""
+
+    def __init__(self, ranks: list[int], timeout_s: float, every_s: float = 0.5):
+        self.timeout_s, self.every_s = timeout_s, every_s
+        self.latest: dict[int, dict | None] = {r: None for r in ranks}
+        self.changed = {r: time.monotonic() for r in ranks}
+        self._last_read = 0.0
+
+    def read(self, comm: Comm) -> None:
+        now = time.monotonic()
+        if now - self._last_read < self.every_s:
+            return
+        self._last_read = now
+        for rank in self.latest:
+            beat = comm.get(f"hb/{rank}")
+            if beat is not None and (self.latest[rank] or {}).get("seq") != beat["seq"]:
+                self.latest[rank] = beat
+                self.changed[rank] = now
+
+    def fresh(self) -> set[int]:
+        now = time.monotonic()
+        return {r for r, t in self.changed.items() if now - t <= self.timeout_s}

@@ -25,6 +25,8 @@ USER_THREADS_VAR = "FEDRUN_USER_OMP_NUM_THREADS"
 # Rendezvous ports for Slurm jobs: every node must compute the same port without talking
 # to the others, so it comes from the job id. The range stays below Linux's ephemeral
 # ports (32768 and up), where bind(0) picks from.
+# TODO(slurm-port): two jobs whose ids agree mod 2000 and share a first node collide;
+# set FEDRUN_RDZV_PORT for such jobs, as nothing here can see the other job.
 SLURM_PORT_BASE = 29500
 SLURM_PORT_SPAN = 2000
 

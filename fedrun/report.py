@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from pathlib import Path
 
 import psutil
 
@@ -126,3 +125,44 @@ def memory_mb() -> float:
 
 def wants_dashboard(cfg: Config) -> bool:
     return use_dashboard(cfg.run.dashboard)
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def result_text(label: str, header: dict) -> str:
+    """One device's result for the activity list."""
+    if header["status"] == "OK":
+        return (f"{label} completed: {header['samples']} samples, local accuracy "
+                f"{pct(header.get('accuracy'))}, {header.get('seconds', 0):.1f}s")
+    return f"{label} {header['status'].lower()}: {header.get('message', '')}"
+
+
+def round_line(cfg: Config, record: dict, headers: dict[int, dict],
+               clients: int) -> tuple[str, int]:
+    """The one summary line of a round, in the words of the field, and its log level."""
+    parts = []
+    for rank in range(1, cfg.devices.count + 1):
+        label, attempts = cfg.device_label(rank), headers[rank].get("attempts", 0)
+        masked = record["masked"].get(str(rank))
+        if masked and masked["status"] in ("QUARANTINED", "SKIPPED"):
+            continue
+        if masked:
+            parts.append(f"{label} {masked['status'].lower()} ({masked['message']})"
+                         + (f" after {attempts} attempts" if attempts > 1 else ""))
+        elif attempts > 1:
+            parts.append(f"{label} failed {attempts - 1}x, retry {attempts - 1}/"
+                         f"{cfg.train.max_retries} succeeded")
+    used, total = len(record["participants"]), cfg.devices.count
+    if record["skipped"]:
+        parts.append(f"round skipped: {record['reason']}; weights unchanged")
+    elif cfg.data.clients:
+        parts.append(f"{len(record['clients'])}/{clients} clients from {used}/{total} "
+                     "devices aggregated")
+    else:
+        parts.append(f"{used}/{total} devices aggregated")
+    parts.append(f"accuracy {pct(record['accuracy'])}, loss {record['loss']:.4f}, "
+                 f"{record['seconds']:.1f}s")
+    level = logging.WARNING if record["skipped"] or record["masked"] else logging.INFO
+    return f"round {record['round']}/{cfg.run.rounds}: " + "; ".join(parts), level

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
 import time
 
@@ -21,14 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
-from .comm import Comm, CommError, FlatWeights, Heartbeat, weights_sha256
-from .config import Config, ConfigError, digest, resume_values
+from .aggregation import Aggregator, skipped_masks
+from .comm import BeatWatch, Comm, CommError, FlatWeights, Heartbeat, weights_sha256
+from .config import Config, digest, resume_values
 from .data import Dataset
-from .device import (OK, QUARANTINED, REJECTED, SKIPPED, client_ranks, clients_per_rank,
+from .device import (OK, client_ranks, clients_per_rank,
                      seed_for)
-from .report import Reporter, memory_mb, wants_dashboard
-from .strategies import StrategyError, Update, build_strategy
-from .strategies.privacy import clip_update, gaussian_noise
+from .crashes import CrashJournal, quarantine
+from .report import Reporter, memory_mb, pct, result_text, round_line, wants_dashboard
+from .strategies import StrategyError, build_strategy
 
 log = logging.getLogger("fedrun")
 
@@ -56,9 +56,10 @@ class Server:
         self.strategy = build_strategy(cfg.server)
         self.client_rank = client_ranks(cfg)
         self.slots = clients_per_rank(cfg)
+        self.aggregator = Aggregator(cfg, self.strategy, self.client_rank, self.slots)
         self.strategy.check(cfg.devices.count)
         self.folder = cfg.checkpoint_path()
-        self.crashes_path = self.folder / "crashes.json"
+        self.crashes = CrashJournal(self.folder / "crashes.json")
         self.signalled: str | None = None
         self.round = 0  # the round in flight, for the log prefix
         self._restore(fresh)
@@ -68,7 +69,6 @@ class Server:
         self.seq = 0
         self.saved_round = self.start_round - 1
         self._pending: list[int] = []
-        self._crashed: set[int] = set()  # ranks already blamed in this attempt
 
     # ---- state ----------------------------------------------------------------------
 
@@ -84,9 +84,9 @@ class Server:
         found = checkpoint.load_latest(self.folder)
         for stale in self.folder.glob(".round-*.tmp"):
             stale.unlink()  # reported by load_latest; nothing in it can be trusted
-        crashes = self._read_crashes()
+        crashes = quarantine(self.crashes.read())
         if found is None:
-            self.quarantined = _quarantine(crashes)
+            self.quarantined = crashes
             return
         path, state = found
         checkpoint.check_compatible(self.cfg, state, path)
@@ -96,7 +96,7 @@ class Server:
         self.skipped_in_a_row = state["skipped_in_a_row"]
         torch.set_rng_state(state["torch_rng"])
         self.quarantined = {int(k): v for k, v in state["quarantined"].items()}
-        self.quarantined.update(_quarantine(crashes))
+        self.quarantined.update(crashes)
         self.start_round = state["round"] + 1
         log.info("resuming from round %d (%s)", state["round"], path)
 
@@ -107,28 +107,8 @@ class Server:
             self.folder.rename(aside)
             log.info("starting over: the previous checkpoints are kept in %s", aside)
 
-    def _read_crashes(self) -> list[dict]:
-        import json
-
-        try:
-            return json.loads(self.crashes_path.read_text())["crashes"]
-        except FileNotFoundError:
-            return []
-        except (ValueError, KeyError):
-            log.warning("%s is unreadable; starting a new crash record", self.crashes_path)
-            return []
-
     def _record_crash(self, ranks: list[int], reason: str) -> None:
-        ranks = [r for r in ranks if r not in self._crashed]
-        if not ranks:
-            return
-        self._crashed.update(ranks)
-        crashes = self._read_crashes()
-        crashes.append({"round": self.round, "ranks": ranks, "reason": reason,
-                        "attempt": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
-                        "time": time.time()})
-        checkpoint.write_json(self.crashes_path, {"crashes": crashes})
-        for rank, since in _quarantine(crashes).items():
+        for rank, since in self.crashes.record(self.round, ranks, reason).items():
             if rank not in self.quarantined:
                 self.report.event(f"{self.cfg.device_label(rank)} crashed twice in round "
                                   f"{since}: it is quarantined after the restart",
@@ -206,7 +186,7 @@ class Server:
                                   self.quarantined, final=True)
         accuracy = self.history[-1]["accuracy"] if self.history else None
         self.report.event(f"run finished: {len(self.history)} rounds, accuracy "
-                          f"{_pct(accuracy)}, summary in {self.report.run_dir}")
+                          f"{pct(accuracy)}, summary in {self.report.run_dir}")
         self.report.set(phase="finished")
         self.report.finish("FINISHED", self.cfg.to_dict(), accuracy)
         self.heartbeat.stop()
@@ -294,7 +274,7 @@ class Server:
         """Wait on the store for each device's result until the deadline plus a grace."""
         deadline = started + self.cfg.run.round_deadline_s + self.cfg.comm.timeout_s
         headers: dict[int, dict] = {}
-        beats = _BeatWatch(self.ranks, self.cfg.comm.timeout_s)
+        beats = BeatWatch(self.ranks, self.cfg.comm.timeout_s)
         for rank in self.ranks:
             if rank not in participants:
                 headers[rank] = self.comm.get(f"done/{self.seq}/{rank}")
@@ -306,6 +286,7 @@ class Server:
                     headers[rank] = header
                     self._pending.remove(rank)
                     self.report.device(rank, state=_device_state(header))
+                    self.report.event(result_text(self.cfg.device_label(rank), header))
             beats.read(self.comm)
             self.report.beats(beats.latest, beats.fresh())
             if not self._pending:
@@ -343,29 +324,8 @@ class Server:
                    headers: dict[int, dict], gathered: list[torch.Tensor],
                    phases: dict[str, float]) -> dict:
         t = time.monotonic()
-        masked: dict[str, dict] = {}
-        client_masked: dict[str, dict] = {}
-        updates: list[Update] = []
-        for rank in self.ranks:
-            header = headers[rank]
-            slots = gathered[rank].view(self.slots, -1)
-            for result in header.get("clients") or []:
-                client = result["client"]
-                update = slots[result["slot"]]
-                reason = self._mask_reason(result, update)
-                if reason is not None:
-                    client_masked[str(client)] = reason
-                    continue
-                # DP-FedAvg weighs clipped updates equally: sample weights would break the
-                # clip_norm / n bound on one device's influence that the noise is sized for.
-                weight = 1 if self.cfg.privacy.noise_multiplier else result["samples"]
-                updates.append(Update(client + 1, self._privatise(update), weight))
-            if not any(self.client_rank[u.rank - 1] == rank for u in updates):
-                first = next(iter(header.get("clients") or []), None)
-                masked[str(rank)] = (client_masked[str(first["client"])] if first else
-                                     {"status": header["status"],
-                                      "message": header.get("message", "")})
-
+        updates, masked, client_masked = self.aggregator.collect(self.weights, headers,
+                                                                 gathered)
         record = {"round": server_round,
                   "participants": [r for r in self.ranks if str(r) not in masked],
                   "masked": masked, "skipped": False, "reason": "",
@@ -374,28 +334,17 @@ class Server:
         if self.cfg.data.clients:
             record["clients"] = sorted(u.rank - 1 for u in updates)
             record["clients_masked"] = client_masked
-        need = max(self.cfg.server.min_devices, self.strategy.min_updates())
-        new = None
-        if len(updates) < need:
-            record["reason"] = (f"{len(updates)} usable updates, fewer than the {need} "
-                                "needed")
-        else:
-            try:
-                new = self._add_noise(self.strategy.aggregate(self.weights, updates,
-                                                              server_round), len(updates))
-            except StrategyError as exc:
-                record["reason"] = str(exc)
-            if new is not None and not torch.isfinite(new).all():
-                record["reason"], new = "the aggregate is not finite", None
+        self.report.set(phase="aggregating")
+        self.report.event(f"aggregating {len(updates)} updates with "
+                          f"{self.cfg.server.strategy}")
+        new, record["reason"] = self.aggregator.aggregate(self.weights, updates,
+                                                          server_round)
         phases["aggregate"] = time.monotonic() - t
 
         t = time.monotonic()
         if new is None:
             record["skipped"] = True
-            for rank in record["participants"]:  # every device stays accounted for
-                record["masked"][str(rank)] = {"status": SKIPPED, "message":
-                                               f"round skipped: {record['reason']}"}
-            record["participants"] = []
+            skipped_masks(record)
             self.skipped_in_a_row += 1
             last = self.history[-1] if self.history else None
             record["accuracy"] = last["accuracy"] if last else None
@@ -406,39 +355,10 @@ class Server:
             self.skipped_in_a_row = 0
             self.weights = new
             self.report.set(phase="evaluating")
+            self.report.event(f"evaluating on {len(self.test_y)} test samples")
             record["accuracy"], record["loss"] = self.evaluate()
         phases["evaluate"] = time.monotonic() - t
         return record
-
-    def _mask_reason(self, header: dict, update: torch.Tensor) -> dict | None:
-        status = header["status"]
-        if status != OK:
-            return {"status": status, "message": header.get("message", "")}
-        if header["samples"] <= 0:
-            return {"status": REJECTED, "message": "reported 0 samples"}
-        delta = update - self.weights
-        if not torch.isfinite(delta).all():
-            return {"status": REJECTED, "message": "non-finite update (NaN or inf)"}
-        bound = self.cfg.server.max_update_norm
-        norm = float(delta.norm())
-        if bound and norm > bound:
-            return {"status": REJECTED, "message": f"update norm {norm:.3g} exceeds "
-                    f"server.max_update_norm = {bound:g}"}
-        return None
-
-    def _privatise(self, update: torch.Tensor) -> torch.Tensor:
-        clip = self.cfg.privacy.clip_norm
-        if not clip:
-            return update
-        return self.weights + clip_update(update - self.weights, clip)
-
-    def _add_noise(self, new: torch.Tensor, count: int) -> torch.Tensor:
-        privacy = self.cfg.privacy
-        if not privacy.noise_multiplier:
-            return new
-        gen = torch.Generator().manual_seed(seed_for(self.cfg.run.seed, self.round, 0, 3))
-        std = privacy.noise_multiplier * privacy.clip_norm / count
-        return new + gaussian_noise(new.shape, std, gen)
 
     @torch.no_grad()
     def evaluate(self, batch: int = 1000) -> tuple[float, float]:
@@ -464,60 +384,9 @@ class Server:
     # ---- the round's log line -------------------------------------------------------
 
     def _log_round(self, record: dict, headers: dict[int, dict]) -> None:
-        parts = []
-        retries = self.cfg.train.max_retries
-        for rank in self.ranks:
-            label, header = self.cfg.device_label(rank), headers[rank]
-            masked = record["masked"].get(str(rank))
-            attempts = header.get("attempts", 0)
-            if masked and masked["status"] in (QUARANTINED, SKIPPED):
-                continue
-            if masked:
-                parts.append(f"{label} {masked['status'].lower()} ({masked['message']})"
-                             + (f" after {attempts} attempts" if attempts > 1 else ""))
-            elif attempts > 1:
-                parts.append(f"{label} failed {attempts - 1}x, retry {attempts - 1}/"
-                             f"{retries} succeeded")
-        used = len(record["participants"])
-        total = len(self.ranks)
-        if record["skipped"]:
-            parts.append(f"round skipped: {record['reason']}; weights unchanged")
-        elif self.cfg.data.clients:
-            parts.append(f"{len(record['clients'])}/{len(self.client_rank)} clients from "
-                         f"{used}/{total} devices aggregated")
-        else:
-            parts.append(f"{used}/{total} devices aggregated")
-        parts.append(f"accuracy {_pct(record['accuracy'])}, loss {record['loss']:.4f}, "
-                     f"{record['seconds']:.1f}s")
+        text, level = round_line(self.cfg, record, headers, len(self.client_rank))
         self.report.set(accuracy=record["accuracy"], loss=record["loss"], phase="done")
-        level = logging.WARNING if record["skipped"] or record["masked"] else logging.INFO
-        self.report.event(f"round {record['round']}/{self.cfg.run.rounds}: "
-                          + "; ".join(parts), level)
-
-
-class _BeatWatch:
-    """Tracks when each device's heartbeat last changed, on the server's own clock."""
-
-    def __init__(self, ranks: list[int], timeout_s: float):
-        self.timeout_s = timeout_s
-        self.latest: dict[int, dict | None] = {r: None for r in ranks}
-        self.changed = {r: time.monotonic() for r in ranks}
-        self._last_read = 0.0
-
-    def read(self, comm: Comm) -> None:
-        now = time.monotonic()
-        if now - self._last_read < 0.5:
-            return
-        self._last_read = now
-        for rank in self.latest:
-            beat = comm.get(f"hb/{rank}")
-            if beat is not None and (self.latest[rank] or {}).get("seq") != beat["seq"]:
-                self.latest[rank] = beat
-                self.changed[rank] = now
-
-    def fresh(self) -> set[int]:
-        now = time.monotonic()
-        return {r for r, t in self.changed.items() if now - t <= self.timeout_s}
+        self.report.event(text, level)
 
 
 def sample_clients(cfg: Config, live: list[int], server_round: int) -> list[int]:
@@ -528,19 +397,6 @@ def sample_clients(cfg: Config, live: list[int], server_round: int) -> list[int]
     want = max(cfg.server.min_devices, math.ceil(cfg.server.fraction * len(live)))
     rng = np.random.default_rng(seed_for(cfg.run.seed, server_round, 0, 2))
     return sorted(rng.choice(live, size=min(want, len(live)), replace=False).tolist())
-
-
-def _quarantine(crashes: list[dict]) -> dict[int, int]:
-    """A device named in two crashes of the same round is quarantined from that round."""
-    seen: dict[tuple[int, int], int] = {}
-    out: dict[int, int] = {}
-    for crash in crashes:
-        for rank in crash["ranks"]:
-            key = (crash["round"], rank)
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] >= 2:
-                out[rank] = min(out.get(rank, crash["round"]), crash["round"])
-    return out
 
 
 def _stall() -> None:
@@ -555,7 +411,3 @@ def _device_state(header: dict) -> str:
 def _device_record(header: dict) -> dict:
     return {k: header.get(k) for k in ("status", "samples", "loss", "accuracy", "attempts",
                                        "memory_mb", "message")}
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"

@@ -15,10 +15,9 @@ import time
 
 import numpy as np
 import psutil
-import pytest
 import torch
 
-from conftest import (Job, ROOT, TINY, job_env, merged, needs_fashion_mnist, rank_pids,
+from conftest import (Job, TINY, job_env, merged, needs_fashion_mnist, rank_pids,
                       run_fedrun, wait_until, write_config)
 
 pytestmark = needs_fashion_mnist

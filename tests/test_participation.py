@@ -3,7 +3,6 @@ in real runs."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from conftest import needs_fashion_mnist, run_fedrun
