@@ -69,8 +69,14 @@ def _watch(argv: list[str]) -> int:
 def _preflight(cfg) -> None:
     """The checks a launcher runs once before torchrun, so that a bad config or a
     checkpoint that cannot be resumed is one error, not one per restart attempt."""
-    from .data import load_dataset
+    import torch
 
+    from .data import load_dataset
+    from .launch import choose_backend
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))
+    choose_backend(cfg.comm.backend, local, gpus)
     load_dataset(cfg.data, cfg.run.seed)
     if cfg.run.resume:
         _check_resumable(cfg)

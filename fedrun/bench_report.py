@@ -86,6 +86,10 @@ def overhead_entries(found: dict, plan) -> list[dict]:
         entry("overhead", "fedrun job / bare-loop processes (incl. start-up)",
               job.wall_s, started, "s"),
     ]
+    if len(rows) > 1:
+        later = statistics.median(r["total"] for r in rows[1:])
+        out.append(entry("overhead", "first round / median of the later ones",
+                         rows[0]["total"], later, "s"))
     for key in (*PHASES, "other"):
         out.append(entry("overhead", f"share of round: {LABELS[key]}", _mean(rows, key),
                          mean_round, "s/round"))
@@ -128,15 +132,18 @@ def comm_entries(results: list[dict]) -> list[dict]:
 
 
 def scale_entries(found: dict) -> list[dict]:
+    # The median keeps the first round out: it also pays one-off costs (see below).
     out, fewest = [], None
     for count, job in sorted(found["scale"].items()):
         rows = round_times(job.summary, 1)
         value = statistics.median(r["total"] for r in rows)
         bare = side_by_side(found, f"scale-{count}")
         fewest = fewest if fewest is not None else value
-        out.append(entry("scaling", f"round time, {count} devices",
+        out.append(entry("scaling", f"round time (median), {count} devices",
                          value, bare["seconds"] / bare["rounds"], "s/round",
                          vs_fewest=value / fewest))
+        out.append(entry("scaling", f"first round / median round, {count} devices",
+                         rows[0]["total"], value, "s"))
     return out
 
 

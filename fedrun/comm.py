@@ -97,7 +97,7 @@ class Comm:
     def broadcast(self, flat: torch.Tensor) -> torch.Tensor:
         """The server's flat weights to every rank; `flat` is filled in place on devices."""
         buf = flat.to(self.device) if self.device.type != "cpu" else flat
-        dist.broadcast(buf, src=0)
+        _collective("broadcast", dist.broadcast, buf, src=0)
         if buf is not flat:
             flat.copy_(buf.cpu())
         return flat
@@ -106,7 +106,7 @@ class Comm:
         """Every rank's flat tensor to the server; returns the list on rank 0 only."""
         buf = flat.to(self.device) if self.device.type != "cpu" else flat
         out = [torch.empty_like(buf) for _ in range(self.world_size)] if self.rank == 0 else None
-        dist.gather(buf, out, dst=0)
+        _collective("gather", dist.gather, buf, out, dst=0)
         if out is None:
             return None
         return [t.cpu() for t in out]
@@ -118,6 +118,14 @@ class Comm:
                                    wait_all_ranks=True)
         except RuntimeError as exc:
             raise CommError(f"barrier after {what} failed: {_first_line(exc)}") from exc
+
+
+def _collective(what: str, op, *args, **kwargs) -> None:
+    """Run a collective; a peer that died or timed out becomes one CommError line."""
+    try:
+        op(*args, **kwargs)
+    except RuntimeError as exc:  # Gloo and NCCL report lost peers as RuntimeError
+        raise CommError(f"{what} failed: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

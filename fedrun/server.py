@@ -193,9 +193,13 @@ class Server:
 
     def _stop(self, reason: str, clean: bool) -> int:
         """Stop every rank, name the devices that vanished, keep the last finished round."""
-        self.comm.put("stop", reason)
         in_flight = self.round > self.round_done
-        gone = self._wait_goodbyes(self.ranks if in_flight else [])
+        try:
+            self.comm.put("stop", reason)
+            gone = self._wait_goodbyes(self.ranks if in_flight else [])
+        except Exception as exc:  # the store went down with a node: nobody to ask
+            log.warning("cannot reach the store to stop the devices (%s)", exc)
+            gone = []
         if gone and in_flight:
             labels = ", ".join(self.cfg.device_label(r) for r in gone)
             self.report.event(f"round {self.round}: {labels} left without a word "
@@ -215,8 +219,10 @@ class Server:
 
     def _on_signal(self, signum, frame) -> None:
         self.signalled = signal.Signals(signum).name
-        # A second signal means "now": the checkpoint of the last round is already safe.
-        signal.signal(signum, signal.SIG_DFL)
+        # Slurm signals every process of the step and torchrun forwards its own SIGTERM
+        # too, so repeated SIGTERMs are one request. A second Ctrl-C means "now".
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
 
     def _check_signal(self) -> None:
         if self.signalled:
