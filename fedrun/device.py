@@ -249,7 +249,9 @@ class Device:
                 if attempt > retries:
                     log.warning("attempt %d/%d failed (%s); giving up this round",
                                 attempt, retries + 1, reason)
-                    return self._header(FAILED, attempt, reason, started), weights
+                    header = self._header(FAILED, attempt, reason)
+                    header["seconds"] = time.monotonic() - started
+                    return header, weights
                 log.warning("attempt %d/%d failed (%s); retry %d/%d", attempt, retries + 1,
                             reason, attempt, retries)
                 continue
@@ -276,7 +278,7 @@ class Device:
             num_workers=cfg.num_workers, collate_fn=_as_batch)
         faults.before_training(fault)
         if fault is not None and fault.kind == "zero_samples":
-            return self._header(OK, attempt, "", 0.0, samples=0), weights.clone()
+            return self._header(OK, attempt, "", samples=0), weights.clone()
 
         total = cfg.local_epochs * len(loader)
         step = 0
@@ -287,7 +289,7 @@ class Device:
             for xb, yb in loader:
                 if time.monotonic() > deadline:
                     return self._header(TIMEOUT, attempt, "stopped at the round deadline "
-                                        f"after {step}/{total} batches", 0.0), weights
+                                        f"after {step}/{total} batches"), weights
                 self._check_control()
                 faults.slow_step(fault, self.cfg.run.round_deadline_s, total)
                 opt.zero_grad(set_to_none=True)
@@ -310,22 +312,22 @@ class Device:
         loss_value = float(loss_sum) / n
         self.status.loss, self.status.accuracy = loss_value, float(correct) / n
         if not math.isfinite(loss_value):
-            return self._header(REJECTED, attempt, f"non-finite training loss "
-                                f"({loss_value})", 0.0), weights
+            return self._header(REJECTED, attempt,
+                                f"non-finite training loss ({loss_value})"), weights
         update = faults.corrupt_update(fault, weights, self.flat.pack(self.model))
-        return self._header(OK, attempt, "", 0.0), update
+        return self._header(OK, attempt, ""), update
 
     def _mu(self) -> float:
         server = self.cfg.server
         return server.proximal_mu if server.strategy == "fedprox" else 0.0
 
-    def _header(self, status: str, attempts: int, message: str, started: float,
+    def _header(self, status: str, attempts: int, message: str,
                 samples: int | None = None) -> dict:
+        """A client's result; train_round adds the seconds it took, retries included."""
         return {"status": status, "attempts": attempts, "message": message,
                 "samples": len(self.shard) if samples is None else samples,
                 "loss": self.status.loss, "accuracy": self.status.accuracy,
-                "memory_mb": self.status.snapshot()["memory_mb"],
-                "seconds": time.monotonic() - started if started else 0.0}
+                "memory_mb": self.status.snapshot()["memory_mb"], "seconds": 0.0}
 
     def _cleanup(self) -> None:
         gc.collect()
