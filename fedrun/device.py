@@ -169,6 +169,8 @@ class Device:
         self.heartbeat.start()
         weights = torch.zeros(self.flat.numel)
         # The server may evaluate and checkpoint between rounds; its heartbeat bounds that.
+        # TODO(server-hang): a server whose main thread hangs while its heartbeat thread
+        # lives is only caught by this generous limit, not within comm.timeout_s.
         idle_limit = self.cfg.run.round_deadline_s + 10 * self.cfg.comm.timeout_s + 600
         seq = 0
         try:

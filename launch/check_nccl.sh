@@ -6,8 +6,8 @@
 #   CUDA_VISIBLE_DEVICES=2,3 launch/check_nccl.sh
 #
 # Exit code 0 on PASS, 1 on FAIL (including no GPU, or too few for two ranks).
-# TODO(nccl-check): not run on a GPU yet (no GPU machine was lent to its author); run it
-# when one is and record the result in the README.
+# TODO(nccl-check): not yet run on a machine with GPUs; run it on one and record the
+# result in the README.
 set -uo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
