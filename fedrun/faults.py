@@ -26,6 +26,8 @@ class InjectedFault(RuntimeError):
 
 
 class FaultPlan:
+    # TODO(client-faults): faults name device ranks, not clients, so with data.clients
+    # above devices.count a fault hits every client its rank trains that round.
     def __init__(self, cfg: Config, rank: int):
         self.entries = [f for f in cfg.faults if f.device == rank]
 
