@@ -94,10 +94,47 @@ def _run(cfg, rank: int, fresh: bool) -> int:
     import torch
 
     from . import comm as comm_mod
-    from .data import describe, load_dataset, partition
-    from .launch import choose_backend, threads_per_rank, available_cpus
+    from .data import load_dataset
     from .logs import setup_logging
     from .models import build_model
+
+    backend, why = _runtime(cfg)
+    # --fresh and run.resume=false mean "start over" for the first attempt only: a
+    # torchrun restart after a crash must resume, not throw the run away.
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    fresh = (fresh or not cfg.run.resume) and attempt == 0
+
+    data = load_dataset(cfg.data, cfg.run.seed)
+    torch.manual_seed(cfg.run.seed)
+    model = build_model(cfg.model.name, data.in_channels, data.train_x.shape[-1])
+    roles: dict = {}
+    setup_logging(cfg, rank, roles)
+    log.info("backend %s (%s); %s; attempt %d", backend, why[0], why[1], attempt)
+    if rank == 0 and not fresh:
+        _check_resumable(cfg)  # before the group forms: a refusal is one clean error
+
+    comm = comm_mod.init(backend, cfg.comm.timeout_s)
+    try:
+        if rank == 0:
+            from .server import Server
+
+            roles["server"] = Server(cfg, comm, model, data, fresh=fresh)
+            _freeze_heap()
+            return roles["server"].run()
+        roles["device"] = _device(cfg, comm, model, data, rank)
+        del data
+        _freeze_heap()
+        roles["device"].run()
+        return 0
+    finally:
+        comm_mod.shutdown()
+
+
+def _runtime(cfg) -> tuple[str, tuple[str, str]]:
+    """Backend, CUDA settings and threads, all before CUDA or any group starts."""
+    import torch
+
+    from .launch import available_cpus, choose_backend, threads_per_rank
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -108,56 +145,33 @@ def _run(cfg, rank: int, fresh: bool) -> int:
         torch.backends.cudnn.benchmark = True
     threads, threads_why = threads_per_rank(os.environ, available_cpus(), local_world)
     torch.set_num_threads(threads)
+    return backend, (why, f"{threads} thread(s) per rank ({threads_why})")
 
-    # --fresh and run.resume=false mean "start over" for the first attempt only: a
-    # torchrun restart after a crash must resume, not throw the run away.
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    fresh = (fresh or not cfg.run.resume) and attempt == 0
 
-    data = load_dataset(cfg.data, cfg.run.seed)
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg.model.name, data.in_channels, data.train_x.shape[-1])
-    round_of = {"round": 0}
-    setup_logging(cfg, rank, round_of)
-    log.info("backend %s (%s); %d thread(s) per rank (%s); attempt %d", backend, why,
-             threads, threads_why, attempt)
+def _device(cfg, comm, model, data, rank: int):
+    """This rank's device, holding the shards of the clients dealt to it."""
+    import torch
 
-    if rank == 0 and not fresh:
-        _check_resumable(cfg)  # before the group forms: a refusal is one clean error
-    comm = comm_mod.init(backend, cfg.comm.timeout_s)
-    try:
-        if rank == 0:
-            from .server import Server
+    from .data import describe, partition
+    from .device import Device, client_ranks
 
-            server = Server(cfg, comm, model, data, fresh=fresh)
-            round_of["server"] = server
-            gc.collect()
-            # Later full collections (periodic cleanup) skip everything alive now.
-            gc.freeze()
-            return server.run()
-        from .device import Device
+    owner = client_ranks(cfg)
+    shards = partition(data.train_y.numpy(), len(owner), cfg.data, cfg.run.seed)
+    clients = {}
+    for client in (c for c, r in owner.items() if r == rank):
+        shard = torch.from_numpy(shards[client])
+        who = cfg.device_label(rank) + (f" client {client}" if cfg.data.clients else "")
+        log.info("%s: shard of %s; on %s", who, describe(
+            shards[client], data.train_y.numpy(), data.num_classes), comm.device)
+        clients[client] = (data.normalise(data.train_x[shard]), data.train_y[shard])
+    return Device(cfg, comm, model, clients)
 
-        from .device import client_ranks
 
-        mine = [c for c, r in client_ranks(cfg).items() if r == rank]
-        shards = partition(data.train_y.numpy(), len(client_ranks(cfg)), cfg.data,
-                           cfg.run.seed)
-        clients = {}
-        for client in mine:
-            shard = torch.from_numpy(shards[client])
-            who = cfg.device_label(rank) + (f" client {client}" if cfg.data.clients else "")
-            log.info("%s: shard of %s; on %s", who, describe(
-                shards[client], data.train_y.numpy(), data.num_classes), comm.device)
-            clients[client] = (data.normalise(data.train_x[shard]), data.train_y[shard])
-        device = Device(cfg, comm, model, clients)
-        round_of["device"] = device
-        del data
-        gc.collect()
-        gc.freeze()
-        device.run()
-        return 0
-    finally:
-        comm_mod.shutdown()
+def _freeze_heap() -> None:
+    """Later full collections (the periodic cleanup) skip everything alive now, so a
+    gc.collect() costs microseconds instead of a scan of every object torch created."""
+    gc.collect()
+    gc.freeze()
 
 
 if __name__ == "__main__":
