@@ -77,9 +77,17 @@ def _preflight(cfg) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.world_size))
     choose_backend(cfg.comm.backend, local, gpus)
+    _check_strategy(cfg)
     load_dataset(cfg.data, cfg.run.seed)
     if cfg.run.resume:
         _check_resumable(cfg)
+
+
+def _check_strategy(cfg) -> None:
+    """A strategy the devices can never satisfy (Krum needs 2f+3) is refused at start."""
+    from .strategies import build_strategy
+
+    build_strategy(cfg.server).check(cfg.devices.count)
 
 
 def _check_resumable(cfg) -> None:
@@ -110,8 +118,10 @@ def _run(cfg, rank: int, fresh: bool) -> int:
     roles: dict = {}
     setup_logging(cfg, rank, roles)
     log.info("backend %s (%s); %s; attempt %d", backend, why[0], why[1], attempt)
-    if rank == 0 and not fresh:
-        _check_resumable(cfg)  # before the group forms: a refusal is one clean error
+    if rank == 0:
+        _check_strategy(cfg)  # before the group forms: a refusal is one clean error
+        if not fresh:
+            _check_resumable(cfg)
 
     comm = comm_mod.init(backend, cfg.comm.timeout_s)
     try:

@@ -93,3 +93,15 @@ def test_resume_digest_ignores_rounds():
     more = config.digest(config.resume_values(config.load(None, ["run.rounds=40"])))
     other = config.digest(config.resume_values(config.load(None, ["model.name=fedavg_cnn"])))
     assert base == more and base != other
+
+
+def test_strategy_that_devices_cannot_satisfy_is_refused_by_the_preflight(tmp_path):
+    """Krum with too few devices for 2f+3 is one error line before torchrun starts."""
+    cfg = write_config(tmp_path / "c.toml", TINY)
+    proc = subprocess.run([sys.executable, "-m", "fedrun", "nproc", "--config", str(cfg),
+                           "server.strategy=krum", "server.byzantine=1"],
+                          capture_output=True, text=True, env=job_env(), timeout=60,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "server.strategy = 'krum'" in lines[0], proc.stderr
