@@ -23,7 +23,9 @@ log = logging.getLogger("fedrun")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedrun", description="Federated training on torch.distributed: rank 0 is "
-        "the server, ranks 1..N are devices. Run under torchrun with N+1 processes.")
+        "the server, ranks 1..N are devices. Run under torchrun with N+1 processes.",
+        epilog="other commands: `fedrun watch RUN_DIR [--once]` follows a run's dashboard; "
+        "`fedrun nproc --config X` checks a config and prints its process count")
     parser.add_argument("--config", help="a TOML config, e.g. configs/default.toml")
     parser.add_argument("--fresh", action="store_true",
                         help="start over instead of resuming this run's checkpoint")
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args.config, args.overrides)
         if nproc_only:
-            _preflight(cfg)
+            _preflight(cfg, args.fresh)
             print(cfg.world_size)
             return 0
         check_world_size(cfg, int(os.environ.get("WORLD_SIZE", 1)))
@@ -66,7 +68,7 @@ def _watch(argv: list[str]) -> int:
     return watch(Path(args.run_dir), once=args.once, interval=args.interval)
 
 
-def _preflight(cfg) -> None:
+def _preflight(cfg, fresh: bool) -> None:
     """The checks a launcher runs once before torchrun, so that a bad config or a
     checkpoint that cannot be resumed is one error, not one per restart attempt."""
     import torch
@@ -79,7 +81,9 @@ def _preflight(cfg) -> None:
     choose_backend(cfg.comm.backend, local, gpus)
     _check_strategy(cfg)
     load_dataset(cfg.data, cfg.run.seed)
-    if cfg.run.resume:
+    if cfg.run.resume and not fresh:
+        # The server reports an unreadable checkpoint itself; here only a refusal counts.
+        logging.getLogger("fedrun").setLevel(logging.ERROR)
         _check_resumable(cfg)
 
 

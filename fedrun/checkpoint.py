@@ -1,70 +1,31 @@
 """Checkpoints: one file per saved round, written atomically, with a `latest` pointer.
 
 A crash at any instant leaves the previous checkpoint or the new one, never a broken file
-under a final name: bytes go to a temporary file in the same folder, are fsynced, and the
-file is renamed into place (rename is atomic within one filesystem). Files hold only
-tensors and plain Python values and are read with `torch.load(weights_only=True)`.
+under a final name (see atomic.py). Files hold only tensors and plain Python values and
+are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from .atomic import atomic_write
 from .config import Config, ConfigError, digest, resume_values
 
 log = logging.getLogger("fedrun")
 
 FORMAT = 1
-# mkstemp creates files readable by the owner alone; outputs should follow the umask.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 NAME = re.compile(r"^round-(\d{4,})\.pt$")
 
 
 def file_name(server_round: int) -> str:
     return f"round-{server_round:04d}.pt"
-
-
-def atomic_write(path: Path, write: Callable[[Any], None],
-                 before_rename: Callable[[], None] | None = None) -> None:
-    """Write through `write(fileobj)` to a temporary sibling, fsync, rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable: it lives in the folder's entry, not the file."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, value: Any) -> None:
-    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
 def save(folder: Path, server_round: int, state: dict, keep: int,
@@ -103,8 +64,8 @@ def load_latest(folder: Path) -> tuple[Path, dict] | None:
             if not isinstance(state, dict) or state.get("format") != FORMAT:
                 raise ValueError("not a fedrun checkpoint")
         except Exception as exc:  # torch.load raises many types for a broken file
-            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
-                        path, type(exc).__name__, str(exc).splitlines()[0][:120])
+            log.warning("checkpoint %s is unreadable (%s); trying an older one", path,
+                        type(exc).__name__)
             continue
         return path, state
     return None

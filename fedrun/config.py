@@ -298,7 +298,13 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _toml(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, bool) else str(value).lower()
+    """A value as it would be typed in an override; lists in single quotes, which
+    survive a shell's double-quoted ARGS="..."."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(f"'{v}'" for v in value) + "]"
+    return json.dumps(value)
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -394,6 +400,11 @@ def validate(cfg: Config) -> None:
 
 def check_world_size(cfg: Config, world_size: int) -> None:
     """The launcher's process count must be one server plus one process per device."""
+    if world_size < 2:
+        raise ConfigError(
+            f"fedrun needs {cfg.world_size} processes (1 server + {cfg.devices.count} "
+            f"devices); start it with launch/local.sh CONFIG, or torchrun "
+            f"--nproc_per_node={cfg.world_size} -m fedrun --config CONFIG")
     if world_size != cfg.world_size:
         raise ConfigError(
             f"WORLD_SIZE is {world_size} but devices.count = {cfg.devices.count} needs "

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import write_json
+from .atomic import write_json
 
 log = logging.getLogger("fedrun")
 

@@ -238,4 +238,5 @@ def _label_shards(labels: np.ndarray, parts: int, per_part: int,
 def describe(shard: np.ndarray, labels: np.ndarray, num_classes: int) -> str:
     """Shard size and label histogram, for the log at start."""
     counts = np.bincount(labels[shard], minlength=num_classes)
-    return f"{len(shard)} samples, labels " + " ".join(str(c) for c in counts)
+    return f"{len(shard)} samples, per label " + " ".join(
+        f"{label}:{count}" for label, count in enumerate(counts))

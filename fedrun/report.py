@@ -14,7 +14,7 @@ from collections import deque
 
 import psutil
 
-from .checkpoint import write_json
+from .atomic import write_json
 from .config import Config
 from .monitor.dashboard import LiveDashboard, use_dashboard
 from .monitor.status import write_status
@@ -44,6 +44,7 @@ class Reporter:
                        "devices_total": cfg.devices.count, "started_at": time.time()}
         self.live = LiveDashboard() if dashboard else None
         self._written = 0.0
+        self._reported: set[int] = set()
         if self.live is not None:
             self.live.start()
 
@@ -62,13 +63,28 @@ class Reporter:
     def device(self, rank: int, **fields) -> None:
         self.devices[rank].update(fields)
 
+    def result(self, rank: int, header: dict) -> None:
+        """A device's result for this round; later beats of this round cannot undo it."""
+        state = "COMPLETED" if header["status"] == "OK" else header["status"]
+        self.devices[rank].update(state=state, progress=1.0, message=header.get("message", ""),
+                                  **{k: header[k] for k in ("accuracy", "loss")
+                                     if header.get(k) is not None})
+        self._reported.add(rank)
+        self.event(result_text(self.cfg.device_label(rank), header))
+
+    def round_started(self, server_round: int) -> None:
+        self._reported = set()
+        self.set(round=server_round, phase="broadcast")
+
     def beats(self, beats: dict[int, dict | None], fresh: set[int]) -> None:
         for rank, beat in beats.items():
             if beat is None:
                 continue
-            self.devices[rank].update({k: beat.get(k) for k in (
-                "state", "progress", "attempt", "accuracy", "loss", "samples",
-                "memory_mb", "cuda_memory_mb", "message")})
+            # A beat sent mid-training may arrive after the result: keep the result.
+            keys = (("memory_mb", "cuda_memory_mb") if rank in self._reported else
+                    ("state", "progress", "attempt", "accuracy", "loss", "samples",
+                     "memory_mb", "cuda_memory_mb", "message"))
+            self.devices[rank].update({k: beat.get(k) for k in keys})
         self.status["devices_connected"] = len(fresh)
         self.flush()
 
@@ -86,12 +102,13 @@ class Reporter:
     # ---- rounds ---------------------------------------------------------------------
 
     def round_done(self, record: dict, history: list[dict], weights_sha: str,
-                   quarantined: dict[int, int]) -> None:
+                   quarantined: dict[int, int], crashes: list[dict]) -> None:
         self.tensorboard.log_round(record)
-        self.write_summary(history, weights_sha, quarantined)
+        self.write_summary(history, weights_sha, quarantined, crashes)
 
     def write_summary(self, history: list[dict], weights_sha: str,
-                      quarantined: dict[int, int], final: bool = False) -> None:
+                      quarantined: dict[int, int], crashes: list[dict],
+                      final: bool = False) -> None:
         last = next((r for r in reversed(history) if r.get("accuracy") is not None), None)
         summary = {
             "run": self.cfg.run.name,
@@ -103,6 +120,7 @@ class Reporter:
             "devices": [{"rank": r, "name": d["name"]} for r, d in self.devices.items()],
             "quarantined": [{"rank": r, "name": self.devices[r]["name"], "since_round": q}
                             for r, q in sorted(quarantined.items())],
+            "crashes": crashes,
             "final_weights_sha256": weights_sha,
             "rounds": history,
         }

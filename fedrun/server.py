@@ -24,10 +24,10 @@ from .aggregation import Aggregator, skipped_masks
 from .comm import BeatWatch, Comm, CommError, FlatWeights, Heartbeat, weights_sha256
 from .config import Config, digest, resume_values
 from .data import Dataset
-from .device import (OK, client_ranks, clients_per_rank,
+from .device import (client_ranks, clients_per_rank,
                      seed_for)
 from .crashes import CrashJournal, quarantine
-from .report import Reporter, memory_mb, pct, result_text, round_line, wants_dashboard
+from .report import Reporter, memory_mb, pct, round_line, wants_dashboard
 from .strategies import StrategyError, build_strategy
 
 log = logging.getLogger("fedrun")
@@ -82,6 +82,8 @@ class Server:
             self._set_aside_old_run()
             return
         found = checkpoint.load_latest(self.folder)
+        if found is None and any(self.folder.glob("round-*.pt")):
+            log.warning("no readable checkpoint in %s; starting from round 1", self.folder)
         for stale in self.folder.glob(".round-*.tmp"):
             stale.unlink()  # reported by load_latest; nothing in it can be trusted
         crashes = quarantine(self.crashes.read())
@@ -156,7 +158,7 @@ class Server:
                     self._save()
                 record["phases"]["checkpoint"] = time.monotonic() - t
                 self.report.round_done(record, self.history, weights_sha256(self.weights),
-                                       self.quarantined)
+                                       self.quarantined, self.crashes.read())
                 self._check_skips()
         except Interrupted:
             return self._stop(f"stopped by {self.signalled}", clean=True)
@@ -183,7 +185,7 @@ class Server:
         self.comm.barrier("the last round")
         self._wait_goodbyes(self.ranks)
         self.report.write_summary(self.history, weights_sha256(self.weights),
-                                  self.quarantined, final=True)
+                                  self.quarantined, self.crashes.read(), final=True)
         accuracy = self.history[-1]["accuracy"] if self.history else None
         self.report.event(f"run finished: {len(self.history)} rounds, accuracy "
                           f"{pct(accuracy)}, summary in {self.report.run_dir}")
@@ -208,10 +210,10 @@ class Server:
             clean = False
         self._save()
         self.report.write_summary(self.history, weights_sha256(self.weights),
-                                  self.quarantined)
-        resume = ("the next start resumes from round "
-                  f"{self.round_done + 1}" if self.history else "nothing to resume yet")
-        self.report.event(f"{reason}; {resume} (same command)",
+                                  self.quarantined, self.crashes.read())
+        resume = (f"round {self.round_done} is checkpointed: the same command resumes "
+                  "from it" if self.history else "no round finished, nothing to resume")
+        self.report.event(f"{reason}; {resume}",
                           logging.INFO if clean else logging.ERROR)
         self.report.finish("STOPPED" if clean else "FAILED", None, None)
         self.heartbeat.stop()
@@ -248,7 +250,7 @@ class Server:
             "stop": False, "round": server_round, "participants": participants,
             "clients": clients, "quarantined": quarantined,
             "deadline_s": self.cfg.run.round_deadline_s})
-        self.report.set(round=server_round, phase="broadcast")
+        self.report.round_started(server_round)
 
         t = time.monotonic()
         self.comm.broadcast(self.weights)
@@ -291,8 +293,7 @@ class Server:
                 if header is not None:
                     headers[rank] = header
                     self._pending.remove(rank)
-                    self.report.device(rank, state=_device_state(header))
-                    self.report.event(result_text(self.cfg.device_label(rank), header))
+                    self.report.result(rank, header)
             beats.read(self.comm)
             self.report.beats(beats.latest, beats.fresh())
             if not self._pending:
@@ -408,10 +409,6 @@ def sample_clients(cfg: Config, live: list[int], server_round: int) -> list[int]
 def _stall() -> None:
     log.warning("injected fault: pausing inside the checkpoint write")
     time.sleep(3600)
-
-
-def _device_state(header: dict) -> str:
-    return "COMPLETED" if header["status"] == OK else header["status"]
 
 
 def _device_record(header: dict) -> dict:

@@ -26,11 +26,8 @@ fi
 # Outputs land relative to the caller's directory, as with `python -m fedrun`.
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 
-overrides=()
-for arg in "$@"; do
-    [[ $arg == --* ]] || overrides+=("$arg")
-done
-nproc=$("$PYTHON" -m fedrun nproc --config "$config" "${overrides[@]}")
+# The preflight sees every argument, flags included: a typo is one error, not a job.
+nproc=$("$PYTHON" -m fedrun nproc --config "$config" "$@")
 
 # A restarted Gloo group must not read the last attempt's addresses from torchrun's
 # shared store (pytorch#135712): with this set each attempt gets a fresh one.

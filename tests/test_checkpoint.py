@@ -141,7 +141,8 @@ def test_sigterm_checkpoints_the_last_round_and_the_next_start_resumes(tmp_path,
     assert 2 <= done < 6
     assert (run.checkpoint_dir / "latest").read_text().strip() == f"round-{done:04d}.pt"
     server_log = run.log()
-    assert f"stopped by SIGTERM; the next start resumes from round {done + 1}" in server_log
+    assert (f"stopped by SIGTERM; round {done} is checkpointed: the same command resumes "
+            "from it") in server_log
     assert "Traceback" not in server_log
     assert json.loads((run.run_dir / "status.json").read_text())["state"] == "STOPPED"
     again = run_fedrun(tmp_path, cfg)

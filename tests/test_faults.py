@@ -153,6 +153,7 @@ def test_device_killed_mid_round_resumes_after_restart(tmp_path, tiny):
     assert run.returncode == 0, run.output[-3000:]
     assert run.summary["rounds_completed"] == 3 and run.summary["quarantined"] == []
     assert "Device 2 [Lab] left without a word" in run.output
+    assert [c["ranks"] for c in run.summary["crashes"]] == [[2]]
     assert "resuming from round 1" in run.output
     assert all(_accounted(r, [1, 2]) for r in run.summary["rounds"])
 

@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from fedrun.config import Config
-from fedrun.monitor import status as status_module
+from fedrun import atomic as atomic_module
 from fedrun.monitor.dashboard import LiveDashboard, render, use_dashboard, watch
 from fedrun.monitor.status import (
     DEVICE_STATES, SERVER_STATES, STATUS_NAME, StatusError, read_status, write_status,
@@ -85,7 +85,7 @@ def test_write_status_replaces_from_a_complete_temp_file_in_the_same_folder(
                      read_status(Path(dst))["state"]))
         real_replace(src, dst)
 
-    monkeypatch.setattr(status_module.os, "replace", spying_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", spying_replace)
     write_status(path, make_status("RUNNING"))
     assert seen == [(tmp_path, "RUNNING", "STARTING")]
     assert read_status(path)["state"] == "RUNNING"
@@ -100,7 +100,7 @@ def test_failed_write_keeps_the_old_status_and_removes_the_temp_file(tmp_path,
     def failing_replace(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(status_module.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", failing_replace)
     with pytest.raises(OSError):
         write_status(path, make_status("RUNNING"))
     assert read_status(path)["state"] == "STARTING"

@@ -19,6 +19,10 @@ def test_watch_once_shows_every_device_and_the_round(tmp_path, tiny):
     """One frame from a finished run names every device, its state and the round."""
     run = run_fedrun(tmp_path, tiny(run={"rounds": 2}))
     assert run.returncode == 0, run.output[-3000:]
+    import json
+
+    status = json.loads((run.run_dir / "status.json").read_text())
+    assert [(d["state"], d["progress"]) for d in status["devices"]] == [("COMPLETED", 1.0)] * 2
     frame = _watch(run.run_dir, "--once", cwd=tmp_path)
     assert frame.returncode == 0, frame.stderr
     for text in ("Hospital", "Lab", "COMPLETED", "FINISHED", "2/2", "tiny"):

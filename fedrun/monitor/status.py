@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from fedrun.atomic import write_json
 
 SERVER_STATES = ("STARTING", "RUNNING", "CHECKPOINTING", "FINISHED", "STOPPED", "FAILED")
 DEVICE_STATES = (
@@ -57,18 +57,7 @@ def write_status(path: Path, status: dict[str, Any]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_finite(status), indent=1, allow_nan=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # A failed write must not leave a stray temp file next to the status file.
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, _finite(status), allow_nan=False)
 
 
 def _finite(value: Any) -> Any:
