@@ -95,7 +95,7 @@ class RankWatch(threading.Thread):
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             seen = self.usage.setdefault(rank, RankUsage())
-            peak = max(rss, _high_water(proc.pid))
+            peak = max(rss, high_water(proc.pid))
             seen.peak_rss_mib = max(seen.peak_rss_mib, peak / 2**20)
             seen.cpu_s = max(seen.cpu_s, cpu.user + cpu.system)
             seen.threads = max(seen.threads, threads)
@@ -113,7 +113,7 @@ class RankWatch(threading.Thread):
         return self._rank_of[proc.pid]
 
 
-def _high_water(pid: int) -> int:
+def high_water(pid: int) -> int:
     """The peak resident set in bytes from /proc/PID/status; 0 where there is none."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -26,7 +26,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from .bench_jobs import DEFAULT_CONFIG, _high_water
+from .bench_jobs import DEFAULT_CONFIG, high_water
 from .checkpoint import save
 from .comm import FlatWeights
 from .config import Config, digest, load, resume_values
@@ -52,6 +52,8 @@ def _whole(batch):
     return batch
 
 
+# TODO(bench-clients): assumes one client per device (data.clients = 0) and
+# train.num_workers = 0, as the bench's workloads have; more would change the seeds.
 def batches_for(cfg: Config, samples: int, server_round: int, rank: int) -> list:
     """The index batches device `rank` trains on in `server_round`, in order.
 
@@ -176,7 +178,7 @@ def main(argv: list[str]) -> int:
         if not results["jobs"]:
             # The first job is the workload's: for it the process as a whole counts.
             results["wall_s"] = time.time() - born
-            results["peak_rss_mib"] = max(_high_water(os.getpid()),
+            results["peak_rss_mib"] = max(high_water(os.getpid()),
                                           psutil.Process().memory_info().rss) / 2**20
         results["jobs"][job["label"]] = result
     Path(argv[1]).write_text(json.dumps(results, indent=1))

@@ -107,6 +107,10 @@ def overhead_entries(found: dict, plan) -> list[dict]:
     out.append(entry("throughput", f"training throughput vs bare loop on {cores}",
                      speed, bare["samples_per_s"], "samples/s", target=(">=", 0.9),
                      same_samples=same))
+    devices_cpu = sum(u.cpu_between(start, end) for r, u in job.ranks.items() if r)
+    out.append(entry("throughput", "samples per CPU-second of the devices vs bare loop",
+                     trained / max(devices_cpu, 1e-9), bare["samples"] / bare["cpu_s"],
+                     "samples/CPU-s"))
     out.append(entry("throughput", f"training throughput vs 1 process x "
                      f"{one['threads']} thread(s)", speed, one["samples_per_s"],
                      "samples/s"))

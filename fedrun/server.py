@@ -27,6 +27,7 @@ from .data import Dataset
 from .device import (client_ranks, clients_per_rank,
                      seed_for)
 from .crashes import CrashJournal, quarantine
+from .launch import available_cpus
 from .report import Reporter, memory_mb, pct, round_line, wants_dashboard
 from .strategies import StrategyError, build_strategy
 
@@ -369,7 +370,18 @@ class Server:
 
     @torch.no_grad()
     def evaluate(self, batch: int = 1000) -> tuple[float, float]:
-        """Accuracy and mean loss of the global weights on the held-out test set."""
+        """Accuracy and mean loss of the global weights on the held-out test set.
+
+        Every device waits while the server evaluates, so the server may use all the
+        cores of its node for it (its share of them the rest of the time)."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, available_cpus()))
+        try:
+            return self._evaluate(batch)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _evaluate(self, batch: int) -> tuple[float, float]:
         self.flat.unpack(self.weights, self.model)
         correct, loss = 0, 0.0
         for i in range(0, len(self.test_y), batch):
