@@ -214,6 +214,7 @@ class Heartbeat(threading.Thread):
         self.error: BaseException | None = None
 
     def run(self) -> None:
+        store = None
         try:
             store = self.comm.store_factory()
             while not self.halt.is_set():
@@ -227,9 +228,16 @@ class Heartbeat(threading.Thread):
             self.error = exc
             if self.on_beat is not None:
                 self.on_beat(None)
+        finally:
+            # Release the store connection here, not in interpreter teardown, where a
+            # C++ object destroyed with a live thread aborts the process.
+            del store
 
     def stop(self) -> None:
+        """Stop beating and wait (bounded) for the thread to let go of its store."""
         self.halt.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=self.interval + self.comm.timeout_s)
 
 
 class BeatWatch:
